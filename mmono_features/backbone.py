@@ -156,7 +156,7 @@ class Backbone:
     precision: str
     description: str = ""
     random_weights: bool = False
-    _truncation_warnings: int = field(default=0, repr=False)
+    truncated_captions: int = field(default=0, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -212,13 +212,19 @@ class Backbone:
         captions = list(captions)
         n_truncated = sum(length > self.context_length for length in self._token_lengths(captions))
         if n_truncated:
-            self._truncation_warnings += n_truncated
-            logger.warning(
-                "%d of %d captions are longer than the context length of %s (%d tokens) and were truncated.",
+            # The first truncation of a backbone is a warning; later ones are counted in
+            # truncated_captions and logged at DEBUG, so a large run does not flood the log.
+            first = self.truncated_captions == 0
+            self.truncated_captions += n_truncated
+            logger.log(
+                logging.WARNING if first else logging.DEBUG,
+                "%d of %d captions are longer than the context length of %s (%d tokens) and were truncated "
+                "(%d so far; see Backbone.truncated_captions).",
                 n_truncated,
                 len(captions),
                 self.name,
                 self.context_length,
+                self.truncated_captions,
             )
         return self.tokenizer(captions)
 
@@ -308,7 +314,7 @@ def load_backbone(
     ValueError
         Unknown model name or tag, invalid device or precision.
     BackboneLoadError
-        Weights that cannot be downloaded, found or loaded; the message says how to pass a
+        Weights that cannot be downloaded, found or loaded. The message explains how to pass a
         local file.
     """
     import open_clip
@@ -441,3 +447,28 @@ def _load_pretrained_tag(name: str, pretrained: str | None, device: torch.device
         precision=precision,
         description=f"open_clip {name} / {pretrained}",
     )
+
+
+def load_backbone_from_identity(identity: dict[str, Any], device: str | torch.device = "auto", checkpoint: str | Path | None = None) -> Backbone:
+    """Reload the backbone that a store or dictionary records in its identity.
+
+    Project models and pretrained tags reload by name; a local checkpoint must be passed
+    again as ``checkpoint``, and its hash must match the recorded one.
+    """
+    name = identity.get("name")
+    if not name:
+        raise ValueError(f"the identity {identity} names no backbone.")
+    recorded = identity.get("checkpoint_sha256") or ""
+    if name == "mmono-tiny":
+        seed = int(recorded.rsplit("-", 1)[-1]) if recorded.startswith("random-init-seed-") else 0
+        return load_backbone(name, device=device, seed=seed)
+    if name in PROJECT_MODELS:
+        return load_backbone(name, device=device)
+    if checkpoint is None and not identity.get("pretrained"):
+        raise ValueError(
+            f"backbone {name!r} was loaded from a local checkpoint (sha256 {recorded[:12]}...); pass the same file with --checkpoint."
+        )
+    backbone = load_backbone(name, identity.get("pretrained"), checkpoint, device=device)
+    if checkpoint is not None and recorded and backbone.checkpoint_sha256 != recorded:
+        raise ValueError(f"checkpoint {checkpoint} has sha256 {backbone.checkpoint_sha256}, but the recorded one is {recorded}.")
+    return backbone

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from importlib.metadata import entry_points
@@ -47,7 +48,11 @@ def _main(
 ) -> None:
     from mmono_features.progress import set_progress
 
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     logging.basicConfig(
         level=level,
         format="%(message)s",
@@ -75,6 +80,7 @@ def extract(
     shard_size: int = typer.Option(4096, help="Manifest rows per shard file; also the unit of resuming."),
     num_workers: int = typer.Option(2, help="DataLoader worker processes that decode images."),
     overwrite: bool = typer.Option(False, help="Recompute every shard instead of resuming."),
+    dtype: str = typer.Option("float32", help="Storage dtype of the embeddings: float32 or float16 (half the disk)."),
 ) -> None:
     """Embed every image-caption pair of MANIFEST into a feature store.
 
@@ -88,10 +94,21 @@ def extract(
     try:
         backbone = load_backbone(model, pretrained, checkpoint, device=device, precision=precision)
         store = run_extract(
-            backbone, manifest, out, batch_size=batch_size, shard_size=shard_size, num_workers=num_workers, overwrite=overwrite
+            backbone,
+            manifest,
+            out,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            num_workers=num_workers,
+            overwrite=overwrite,
+            dtype=dtype,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         _fail(str(error))
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if backbone.truncated_captions:
+        console.print(f"[yellow]{backbone.truncated_captions} captions were truncated to {backbone.context_length} tokens[/]")
     console.print(
         f"[green]extracted[/] {store.n_pairs} pairs (d={store.d}) into {out} "
         f"in {time.perf_counter() - start:.1f} s; skipped {len(store.skipped())} (see {out / 'skipped.jsonl'})"
@@ -177,6 +194,9 @@ def score(
     min_active: int = typer.Option(20, help="Latents active on fewer pairs get no group ('rare')."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples of the 95% interval of each MDS."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    name_features: bool = typer.Option(True, help="Fill the name column from the nearest vocabulary entries (reloads the store's backbone)."),
+    vocabulary: Optional[Path] = typer.Option(None, help="Word list for naming, one entry per line (default: the bundled one)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The store's local backbone checkpoint, when it was extracted from one."),
     device: str = DeviceOption,
 ) -> None:
     """Score each latent's Modality Dominance Score and sort latents into groups."""
@@ -199,6 +219,10 @@ def score(
             n_boot=n_boot,
             seed=seed,
         )
+        if name_features:
+            from mmono_features.report import fill_names
+
+            fill_names(scores, dictionary, store.backbone_identity, None, vocabulary, checkpoint, device)
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     scores.save(out)
@@ -228,16 +252,59 @@ def report(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for report.html, summary.json and their images."),
     top_m: int = typer.Option(8, help="Top-activating samples shown per latent."),
     n_cards: int = typer.Option(6, help="Feature cards shown per group."),
+    name_features: bool = typer.Option(True, help="Name latents by the nearest vocabulary entries (reloads the store's backbone)."),
+    vocabulary: Optional[Path] = typer.Option(None, help="Word list for naming, one entry per line (default: the bundled one)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The store's local backbone checkpoint, when it was extracted from one."),
     device: str = DeviceOption,
 ) -> None:
     """Write an HTML report of feature cards, MDS histograms and dictionary metrics."""
     from mmono_features.report import write_report
 
     try:
-        path = write_report(store_path, dictionary_path, out, scores_path=scores_path, top_m=top_m, n_cards=n_cards, device=device)
+        path = write_report(
+            store_path,
+            dictionary_path,
+            out,
+            scores_path=scores_path,
+            top_m=top_m,
+            n_cards=n_cards,
+            device=device,
+            name_features=name_features,
+            vocabulary=vocabulary,
+            checkpoint=checkpoint,
+        )
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     console.print(f"[green]report[/] -> {path}")
+
+
+@app.command()
+def compare(
+    store_path: Path = typer.Argument(..., metavar="STORE", help="Feature store the dictionaries were trained on."),
+    dictionaries: list[Path] = typer.Argument(..., metavar="DICTIONARY...", help="Dictionary folders to compare."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the CSV tables, comparison.json and comparison.html."),
+    m: str = typer.Option("10,20,50", help="Comma-separated top-m sizes of the EmbSim sweep."),
+    min_active: int = typer.Option(20, help="min_active of the grouping (latents active on fewer pairs are 'rare')."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples of every interval."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap and random baselines."),
+) -> None:
+    """Tabulate metrics, EmbSim, WinRate and group sizes of several dictionaries on one store."""
+    from mmono_features.compare import compare_dictionaries, write_comparison
+    from mmono_features.store import FeatureStore
+
+    try:
+        ms = tuple(int(value) for value in m.split(","))
+    except ValueError:
+        _fail(f"--m must be comma-separated integers like 10,20,50; got {m!r}.")
+    try:
+        store = FeatureStore.open(store_path)
+        tables = compare_dictionaries(store, dictionaries, ms=ms, min_active=min_active, n_boot=n_boot, seed=seed)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    settings = {"store": str(store_path), "dictionaries": [str(d) for d in dictionaries], "m": ms, "min_active": min_active, "n_boot": n_boot, "seed": seed}
+    path = write_comparison(tables, out, settings)
+    console.print(tables["interpretability"].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    console.print(f"[green]comparison[/] of {len(dictionaries)} dictionaries -> {path}")
 
 
 @app.command()
@@ -257,7 +324,7 @@ def demo(
 ) -> None:
     """Run extract, train, score and report on bundled data: the main job, end to end.
 
-    When the weights of --model cannot be had (no internet, no cache), the demo says so
+    When the weights of --model cannot be had (no internet, no cache), the demo prints a notice
     and continues with mmono-shapes, the project's tiny CLIP trained offline on a
     synthetic shapes world.
     """

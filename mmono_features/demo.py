@@ -103,7 +103,7 @@ def _fallback_available() -> bool:
 
 
 def _demo_manifest(config: DemoConfig, backbone: Backbone) -> tuple[Path, str]:
-    # Step 2. The shapes model only knows the shapes world, so by default it is shown
+    # Step 2. The shapes model was trained only on the shapes world, so by default it is shown
     # on that world, where its groups can mean something.
     data = config.data
     if data == "auto":

@@ -38,6 +38,9 @@ def write_report(
     device: str = "cpu",
     title: str | None = None,
     extra: dict[str, Any] | None = None,
+    name_features: bool = True,
+    vocabulary: str | Path | None = None,
+    checkpoint: str | Path | None = None,
 ) -> Path:
     """Write ``report.html``, ``summary.json`` and ``report_files/`` into ``out``.
 
@@ -54,6 +57,12 @@ def write_report(
         text-dominant TextD latents and the most frequent CrossD latents.
     extra : dict, optional
         More fields for ``summary.json`` (and the settings table of the page).
+    name_features : bool
+        Name the latents of the cards by their nearest vocabulary entries, which needs
+        the store's backbone (reloaded from its identity; ``checkpoint`` for a local
+        file). When it cannot be loaded the cards stay unnamed and a warning says why.
+    vocabulary : path, optional
+        Word list, one entry per line; the bundled default when absent.
 
     Returns
     -------
@@ -82,6 +91,10 @@ def write_report(
     metadata = store.metadata()
 
     cards = _select_card_latents(scores.table, n_cards)
+    if name_features:
+        named = dict(zip(scores.table["latent"].astype(int), scores.table["name"].astype(str)))
+        card_ids = [j for ids in cards.values() for j in ids if not named.get(j)]
+        fill_names(scores, dictionary, store.backbone_identity, card_ids, vocabulary, checkpoint, device)
     card_html = []
     for group, latent_ids in cards.items():
         for latent in latent_ids:
@@ -109,6 +122,29 @@ def write_report(
     path.write_text(page, encoding="utf-8")
     logger.info("wrote %s (%d feature cards)", path, len(card_html))
     return path
+
+
+def fill_names(scores, dictionary, identity: dict, latent_ids, vocabulary=None, checkpoint=None, device="cpu") -> None:
+    """Fill ``scores.table["name"]`` for ``latent_ids`` (all when None) from a vocabulary.
+
+    The backbone is reloaded from ``identity``; when that fails, names stay empty and a
+    warning says why.
+    """
+    from mmono_features.backbone import BackboneLoadError, load_backbone_from_identity
+    from mmono_features.interpret import embed_vocabulary, load_vocabulary, name_latents
+
+    if latent_ids is not None and not latent_ids:
+        return
+    try:
+        backbone = load_backbone_from_identity(identity, device=device, checkpoint=checkpoint)
+    except (BackboneLoadError, ValueError, FileNotFoundError) as error:
+        logger.warning("feature cards stay unnamed: the backbone %s could not be loaded (%s)", identity.get("name"), error)
+        return
+    words = load_vocabulary(vocabulary)
+    names = name_latents(dictionary, words, embed_vocabulary(backbone, words), latent_ids=latent_ids)
+    table = scores.table.set_index("latent")
+    table.loc[names["latent"], "name"] = names["name"].to_numpy()
+    scores.table["name"] = table["name"].to_numpy()
 
 
 def _select_card_latents(table, n_cards: int) -> dict[str, list[int]]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Vocabulary embeddings are cached per backbone; keep the test run's cache out of $HOME.
+os.environ.setdefault("MMONO_CACHE", tempfile.mkdtemp(prefix="mmono-test-cache-"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest

@@ -48,12 +48,17 @@ def test_loading_leaves_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_truncation_warning_counts(tiny_backbone, caplog):
+def test_truncation_warning_counts(caplog):
+    backbone = load_backbone("mmono-tiny", device="cpu")
     long_caption = "word " * 100
     with caplog.at_level(logging.WARNING, logger="mmono_features.backbone"):
-        tokens = tiny_backbone.tokenize(["short", long_caption, long_caption])
+        tokens = backbone.tokenize(["short", long_caption, long_caption])
+        backbone.tokenize([long_caption])
     assert tokens.shape == (3, 77)
     assert "2 of 3 captions" in caplog.text
+    # Later truncations are counted, not repeated as warnings.
+    assert "1 of 1 captions" not in caplog.text
+    assert backbone.truncated_captions == 3
 
 
 def test_preprocess_mean_std(tiny_backbone):

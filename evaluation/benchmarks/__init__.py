@@ -1,0 +1,1 @@
+"""Benchmarks of mmono: speed, memory and recovery measurements run as scripts, not tests."""
