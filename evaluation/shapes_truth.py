@@ -9,11 +9,11 @@ group the latents tied to each kind of factor fall in:
 2. embed them with a backbone (``mmono-shapes`` by default) into a feature store;
 3. train a TopK dictionary on the image and text embeddings;
 4. score every latent's Modality Dominance Score and assign ImgD / TextD / CrossD;
-5. relate each latent to the factors: for latent ``j``, factor ``f`` and modality ``m``
+5. relate each latent to the factors. For latent ``j``, factor ``f`` and modality ``m``,
    the association is the correlation ratio ``eta^2`` of the latent's activations on
-   modality ``m`` grouped by the labels of ``f``; a latent's association with ``f`` is
-   the larger of its two modalities, and its factor is the factor of largest
-   association, provided it reaches ``min_association``;
+   modality ``m`` grouped by the labels of ``f``. A latent's association with ``f`` is
+   the larger of its two modalities. Its factor is the factor of largest association,
+   provided it reaches ``min_association``;
 6. for each factor type, report the share of its scored latents in each group, with
    bootstrap intervals over latents.
 
@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import numpy as np
 import pandas as pd
 import typer
 
+from mmono_features.fileio import json_safe
 from mmono_features.shapes_world import FACTOR_TYPES, write_shapes_dataset
 
 logger = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ def run_shapes_truth(
     probe.to_csv(out / "probe.csv", index=False)
 
     report = _report(config, latents, summary, probe, scores, history, store, time.perf_counter() - start)
-    (out / "shapes_truth.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    (out / "shapes_truth.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     logger.info("shapes truth written to %s", out)
     return ShapesTruthResult(summary=summary, by_factor=by_factor, latents=latents, probe=probe, report=report)
 
@@ -418,6 +418,8 @@ def _report(config, latents, summary, probe, scores, history, store, seconds) ->
         "n_tied": int((tied & scored).sum()),
         "n_untied": int((~tied & scored).sum()),
         "tied_per_factor": {f: int(((latents["factor"] == f) & scored).sum()) for f in FACTOR_TYPES},
+        # Shows how far below the threshold the factors without tied latents stay.
+        "max_association_per_factor": {f: float(latents.loc[scored, f"eta2_{f}"].max()) for f in FACTOR_TYPES},
         "group_counts": {g: int((latents["group"] == g).sum()) for g in (*GROUP_ORDER, "rare")},
         "group_rule": scores.rule,
         "expected_share": {row.factor_type: row.share for row in diagonal.itertuples()},
@@ -438,21 +440,6 @@ def _report(config, latents, summary, probe, scores, history, store, seconds) ->
     }
 
 
-def _json_safe(value: Any) -> Any:
-    """Convert numpy scalars and arrays to Python values and NaN to None, recursively."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if np.isnan(value) else float(value)
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
 
 
 def shapes_truth(

@@ -20,6 +20,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from mmono_features.shapes_world import (
     ShapesWorldConfig,
     factor_values,
     generate_pairs,
-    zero_shot_accuracy,
+    zero_shot_accuracies,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,16 +96,31 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def evaluate(model, tokenizer, preprocess, pairs, config: ShapesWorldConfig) -> dict[str, float]:
     """Held-out zero-shot accuracy of every shared factor, averaged over ZERO_SHOT_TEMPLATES."""
-    return {
-        f: zero_shot_accuracy(model, tokenizer, preprocess, pairs, f, ZERO_SHOT_TEMPLATES, config)
-        for f in SHARED_FACTORS
-    }
+    return zero_shot_accuracies(model, tokenizer, preprocess, pairs, SHARED_FACTORS, ZERO_SHOT_TEMPLATES, config)
+
+
+@contextlib.contextmanager
+def _torch_settings(threads: int):
+    # Thread count and deterministic kernels are process-wide; restore them so that a
+    # caller (a test, a notebook) keeps its own.
+    previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])
 
 
 def train(args: argparse.Namespace) -> dict:
     """Generate data, train, save the weights, then evaluate them (see :func:`finish`)."""
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    with _torch_settings(args.threads):
+        _train(args)
+    return finish(args)
+
+
+def _train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world = ShapesWorldConfig()
@@ -168,7 +184,6 @@ def train(args: argparse.Namespace) -> dict:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"name": MODEL_NAME, "format": "pt"})
     shutil.copyfile(CONFIG_DIR / f"{MODEL_NAME}.json", out / "config.json")
-    return finish(args)
 
 
 def finish(args: argparse.Namespace) -> dict:
@@ -178,7 +193,11 @@ def finish(args: argparse.Namespace) -> dict:
     are those of the shipped fp16 file. Training time and loss come from
     ``train_log.jsonl``.
     """
-    torch.set_num_threads(args.threads)
+    with _torch_settings(args.threads):
+        return _finish(args)
+
+
+def _finish(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     weights = out / "model.safetensors"
     log_path = out / "train_log.jsonl"
@@ -302,20 +321,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-pairs", type=int, default=20000, help="training pairs held in memory")
     parser.add_argument("--steps", type=int, default=1000, help="optimiser steps")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
+    parser.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of weight matrices")
+
     parser.add_argument("--seed", type=int, default=0, help="seed of model init and batch order")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the training pairs")
     parser.add_argument("--eval-seed", type=int, default=1000, help="seed of the held-out pairs")
+
     parser.add_argument("--n-eval", type=int, default=2000, help="held-out pairs for the final figures")
     parser.add_argument("--n-test", type=int, default=300, help="held-out pairs the tests use")
     parser.add_argument("--n-monitor", type=int, default=500, help="held-out pairs scored during training")
-    parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=250)
-    # One thread: on a shared 2-core machine, two threads per process lost more to
-    # contention than they gained.
+    parser.add_argument("--log-every", type=int, default=50, help="steps between loss records")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between monitor evaluations")
+    # The shipped weights were trained with one thread; the thread count can change the
+    # order of float reductions, so the default keeps a rerun on the recorded path.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "assets" / "shapes_world")
     parser.add_argument("--note", default="", help="sentence added to the README after the training time")
@@ -323,6 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--evaluate-only", action="store_true", help="skip training; evaluate the weights already in --out"
     )
     args = parser.parse_args(argv)
+
     for name in ("n_pairs", "steps", "batch_size", "n_eval", "n_test", "n_monitor", "log_every", "eval_every", "threads"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}.")

@@ -317,8 +317,6 @@ def load_backbone(
         Weights that cannot be downloaded, found or loaded. The message explains how to pass a
         local file.
     """
-    import open_clip
-
     _register_project_configs()
     torch_device = resolve_device(device)
     resolve_precision(precision, torch_device)

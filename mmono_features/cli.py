@@ -122,7 +122,7 @@ def train(
     kind: str = typer.Option("topk", help="Dictionary kind: topk, relu, batchtopk, matryoshka or ncl."),
     d_sae: int = typer.Option(4096, help="Number of latents."),
     k: int = typer.Option(32, help="Active latents per sample (topk, batchtopk, matryoshka)."),
-    l1_coefficient: float = typer.Option(1e-3, help="L1 penalty weight (relu)."),
+    l1_coefficient: Optional[float] = typer.Option(None, help="L1 penalty weight (relu); the ReLUConfig default when unset."),
     prefix_sizes: Optional[str] = typer.Option(None, help="Comma-separated nested prefix sizes (matryoshka), last = d_sae."),
     per_modality_heads: bool = typer.Option(False, help="One head per modality instead of a shared one (ncl)."),
     center: bool = typer.Option(False, help="Remove each modality's mean before normalising (erases the modality gap)."),
@@ -153,7 +153,7 @@ def train(
         console.print(_format_metrics(final))
 
 
-def _kind_options(kind: str, k: int, l1_coefficient: float, prefix_sizes: str | None, per_modality_heads: bool) -> dict:
+def _kind_options(kind: str, k: int, l1_coefficient: float | None, prefix_sizes: str | None, per_modality_heads: bool) -> dict:
     if kind in ("topk", "batchtopk"):
         return {"k": k}
     if kind == "matryoshka":
@@ -165,7 +165,7 @@ def _kind_options(kind: str, k: int, l1_coefficient: float, prefix_sizes: str | 
                 raise ValueError(f"--prefix-sizes must be comma-separated integers; got {prefix_sizes!r}.") from None
         return options
     if kind == "relu":
-        return {"l1_coefficient": l1_coefficient}
+        return {} if l1_coefficient is None else {"l1_coefficient": l1_coefficient}
     if kind == "ncl":
         return {"shared_head": not per_modality_heads}
     return {}

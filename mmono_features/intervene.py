@@ -14,9 +14,9 @@ For normalised embeddings ``z`` of shape (batch, d_in)::
 which equals ``decode(a') + err`` with the reconstruction error
 ``err = z - decode(a)``. Written as a difference of two decodes, the output is ``z``
 bit for bit whenever ``a' == a`` (an empty edit, or zeroing latents that are already
-silent), because both decodes then return the same floats and their difference is
-exactly zero; ``decode(a') + (z - decode(a))`` would round twice and could differ in
-the last bit. With ``keep_error=False`` the output is ``decode(a')``, the edited
+silent). Both decodes then return the same floats on a deterministic device, so their
+difference is exactly zero. The form ``decode(a') + (z - decode(a))`` would round twice
+and could differ in the last bit. An empty edit returns ``z`` itself without decoding. With ``keep_error=False`` the output is ``decode(a')``, the edited
 reconstruction alone. Everything is differentiable with respect to ``z`` (gradient
 attacks run through :func:`intervene`); nothing here switches off autograd.
 

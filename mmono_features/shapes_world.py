@@ -45,6 +45,7 @@ __all__ = [
     "fill_template",
     "generate_pairs",
     "write_shapes_dataset",
+    "zero_shot_accuracies",
     "zero_shot_accuracy",
 ]
 
@@ -575,44 +576,78 @@ def zero_shot_accuracy(
     float
         Share of pairs whose factor value is predicted correctly, in [0, 1].
     """
+    return zero_shot_accuracies(model, tokenizer, preprocess, pairs, (factor,), templates, config, batch_size)[factor]
+
+
+def zero_shot_accuracies(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    preprocess: Any,
+    pairs: Sequence[ShapesPair],
+    factors: Sequence[str] | None = None,
+    templates: Sequence[str] = ZERO_SHOT_TEMPLATES,
+    config: ShapesWorldConfig | None = None,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Zero-shot accuracy of several shared factors, encoding prompts and images once.
+
+    Same definition and parameters as :func:`zero_shot_accuracy`; ``factors`` defaults
+    to every shared factor.
+
+    Returns
+    -------
+    dict of str to float
+        Accuracy of each factor, in [0, 1].
+    """
     import torch
 
-    if FACTOR_TYPES.get(factor) != "shared":
-        shared = [f for f, kind in FACTOR_TYPES.items() if kind == "shared"]
-        raise ValueError(f"factor must be a shared factor, one of {shared}; got {factor!r}.")
+    shared = [f for f, kind in FACTOR_TYPES.items() if kind == "shared"]
+    factors = list(shared if factors is None else factors)
+    bad = [f for f in factors if f not in shared]
+    if not factors or bad:
+        raise ValueError(f"factors must be shared factors, from {shared}; got {factors!r}.")
     if len(pairs) == 0:
         raise ValueError("pairs is empty; pass at least one labelled pair.")
     if not templates:
         raise ValueError("templates is empty; pass at least one template, e.g. ZERO_SHOT_TEMPLATES.")
     config = config or ShapesWorldConfig()
-    prompts = _class_prompts(factor, templates, config)
-    values = list(prompts)
+    prompts = {f: _class_prompts(f, templates, config) for f in factors}
+    # Every factor groups (mostly) the same prompts differently, so each distinct
+    # prompt is encoded once.
+    unique = list(dict.fromkeys(t for by_value in prompts.values() for texts in by_value.values() for t in texts))
+    position = {text: i for i, text in enumerate(unique)}
+
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            classes = []
-            for value in values:
-                texts = prompts[value]
-                embs = torch.cat(
-                    [
-                        model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float()
-                        for i in range(0, len(texts), batch_size)
-                    ]
-                )
-                embs = torch.nn.functional.normalize(embs, dim=-1).mean(dim=0)
-                classes.append(torch.nn.functional.normalize(embs, dim=0))
-            class_emb = torch.stack(classes)  # (n_values, embed_dim)
-
-            correct = 0
+            text_emb = torch.cat(
+                [
+                    model.encode_text(tokenizer(unique[i : i + batch_size]).to(device)).float()
+                    for i in range(0, len(unique), batch_size)
+                ]
+            )
+            text_emb = torch.nn.functional.normalize(text_emb, dim=-1)
+            image_emb = []
             for i in range(0, len(pairs), batch_size):
-                chunk = pairs[i : i + batch_size]
-                pixels = torch.stack([preprocess(p.image) for p in chunk]).to(device=device, dtype=dtype)
-                img = torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1)
-                pred = (img @ class_emb.T).argmax(dim=1).tolist()
-                correct += sum(values[j] == p.factors[factor] for j, p in zip(pred, chunk))
+                pixels = torch.stack([preprocess(p.image) for p in pairs[i : i + batch_size]])
+                image_emb.append(model.encode_image(pixels.to(device=device, dtype=dtype)).float())
+            image_emb = torch.nn.functional.normalize(torch.cat(image_emb), dim=-1)
     finally:
         model.train(was_training)
-    return correct / len(pairs)
+
+    accuracies = {}
+    for factor in factors:
+        values = list(prompts[factor])
+        classes = torch.stack(
+            [
+                torch.nn.functional.normalize(text_emb[[position[t] for t in prompts[factor][v]]].mean(dim=0), dim=0)
+                for v in values
+            ]
+        )  # (n_values, embed_dim)
+        predicted = (image_emb @ classes.T).argmax(dim=1).tolist()
+        correct = sum(values[j] == p.factors[factor] for j, p in zip(predicted, pairs))
+        accuracies[factor] = correct / len(pairs)
+    return accuracies

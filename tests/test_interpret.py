@@ -127,3 +127,46 @@ def test_default_vocabulary_has_words():
 def test_vocabulary_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="one word"):
         load_vocabulary(tmp_path / "absent.txt")
+
+
+class _Directions:
+    def __init__(self, directions):
+        self.directions = directions
+
+    def decoder_directions(self):
+        return self.directions
+
+
+class _Groups:
+    def __init__(self, groups):
+        import pandas as pd
+
+        self.table = pd.DataFrame({"latent": range(len(groups)), "group": groups})
+
+
+def test_group_stability_matches_permuted_copy():
+    from mmono_features.interpret import group_stability
+
+    directions = torch.linalg.qr(torch.randn(8, 8))[0][:6]
+    groups = ["ImgD", "ImgD", "TextD", "CrossD", "CrossD", "rare"]
+    permutation = [4, 2, 0, 5, 1, 3]
+    table = group_stability(
+        _Directions(directions),
+        _Groups(groups),
+        _Directions(directions[permutation]),
+        _Groups([groups[j] for j in permutation]),
+    ).set_index("group")
+    assert (table["jaccard"] == 1.0).all()
+    assert table.loc["ImgD", "intersection"] == 2
+
+
+def test_group_stability_disjoint_groups():
+    from mmono_features.interpret import group_stability
+
+    directions = torch.eye(4)
+    table = group_stability(
+        _Directions(directions), _Groups(["ImgD", "ImgD", "TextD", "TextD"]),
+        _Directions(directions), _Groups(["TextD", "TextD", "ImgD", "ImgD"]),
+    ).set_index("group")
+    assert table.loc["ImgD", "jaccard"] == 0.0
+    assert table.loc["TextD", "jaccard"] == 0.0

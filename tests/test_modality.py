@@ -273,6 +273,7 @@ def _named_scores():
 
 def test_csv_round_trip(tmp_path):
     scores = _named_scores()
+    scores.table["emb_sim"] = [0.5, np.nan, 0.25, 0.0, 1.0, np.nan, np.nan]  # an extra column
     path = scores.save(tmp_path / "scores.csv")
     sidecar = json.loads((tmp_path / "scores.json").read_text())
     assert sidecar["format"] == "mmono.scores"

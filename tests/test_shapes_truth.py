@@ -65,7 +65,8 @@ def test_linear_probe_reads_planted_label():
     labels = rng.choice(["a", "b", "c"], size=300)
     noise = rng.normal(size=(300, 5))
     signal = noise.copy()
-    signal[:, 0] += 4.0 * (labels == "b") - 4.0 * (labels == "c")
+    signal[:, 0] += 4.0 * (labels == "b")
+    signal[:, 1] += 4.0 * (labels == "c")
     assert linear_probe_accuracy(signal, labels) > 0.95
     assert linear_probe_accuracy(noise, labels) < 0.55  # chance is 1/3
     with pytest.raises(ValueError, match="at least two classes"):

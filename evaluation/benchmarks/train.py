@@ -16,8 +16,8 @@ belongs to one kind. Rows of the table:
   ``batch / 2`` pairs, so every row processes ``batch`` embeddings per step.
 
 Data: planted sparse codes, ``k`` active atoms per sample over a random unit dictionary of
-``d_sae`` atoms, generated per step outside the timed region. After the timed steps the
-fraction of variance unexplained (FVU) on a held-out batch is reported; ``topk`` and
+``d_sae`` atoms, generated per step outside the timed region. After the timed steps, the
+fraction of variance unexplained (FVU) on a held-out batch is reported. ``topk`` and
 ``reference`` take the same batches from the same initial weights, so their FVU should
 agree.
 """
@@ -200,7 +200,7 @@ def _run_kind(kind: str, setting: Setting) -> dict:
 
 
 def dictionary_prepare(raw: torch.Tensor) -> torch.Tensor:
-    """The normalisation every dictionary applies (no centring)."""
+    """Normalise raw embeddings as every dictionary does without centring."""
     from mmono_features.embeddings import normalize_embeddings
 
     return normalize_embeddings(raw)
@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(_child(args.child, setting)))
         return
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"dictionary training benchmark: d_in={setting.d_in} d_sae={setting.d_sae} k={setting.k} batch={setting.batch}, "
@@ -307,12 +308,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads or torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load:.1f}",
         flush=True,
     )
+
     results = []
     for name in ["bound", "reference", *args.kinds]:
         start = time.perf_counter()
         results.append(_run_child(name, args))
         print(f"  {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
     print(_table(results, setting))
+
     by_name = {result["name"]: result for result in results}
     if "topk" in by_name:
         topk, reference, bound = by_name["topk"], by_name["reference"], by_name["bound"]

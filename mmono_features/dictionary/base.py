@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmono_features.embeddings import check_modality, normalize_embeddings
+from mmono_features.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +187,9 @@ class Dictionary(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"kind": self.kind}))
+        atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"kind": self.kind}))
         text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-        _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return path
 
     @classmethod
@@ -217,13 +216,3 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dic
     """Load any dictionary checkpoint folder; see :meth:`Dictionary.from_pretrained`."""
     return Dictionary.from_pretrained(path, device=device)
 
-
-def _atomic_write(target: Path, write) -> None:
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -9,8 +9,8 @@ positive pre-activation. Inference uses that threshold instead of the batch:
     latents = pre * (pre > threshold),
 
 so a sample's codes do not depend on the rest of its batch. With ``cap_at_k`` (the
-default) inference then also keeps at most the ``k`` largest of those per sample, which
-guarantees at most ``k`` non-zero latents per sample; without it a sample can exceed
+default), inference then also keeps at most the ``k`` largest of those per sample, which
+guarantees at most ``k`` non-zero latents per sample. Without it, a sample can exceed
 ``k``. Both inference modes are per-sample.
 """
 
@@ -51,7 +51,7 @@ class BatchTopKConfig(TopKConfig):
 
 
 def _batch_top(pre: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``n_keep`` largest entries of ``pre`` (batch, d_sae): (values, flat indices).
+    """Select the ``n_keep`` largest entries of ``pre`` (batch, d_sae): (values, flat indices).
 
     A top-k over all batch * d_sae entries is slow on the CPU, so each row first keeps
     its ``4 * n_keep / batch`` largest entries and the batch-level top-k runs over those.
@@ -98,17 +98,17 @@ class BatchTopKSAE(TopKFamily):
         return SparseLayout.from_row_indices(top.indices, self.d_sae, keep=top.values > threshold)
 
     def select_for_training(self, pre: torch.Tensor) -> SparseLayout:
-        """The ``k * batch`` largest positive pre-activations of the whole batch."""
+        """Choose the ``k * batch`` largest positive pre-activations of the whole batch."""
         top_values, flat = _batch_top(pre, self.config.k * pre.shape[0])
         positive = top_values > 0
         self._update_threshold(top_values[positive])
         return SparseLayout.from_flat(flat[positive], pre.shape[0], self.d_sae)
 
     @torch.no_grad()
-    def _update_threshold(self, kept: torch.Tensor) -> None:
-        if kept.numel() == 0:
+    def _update_threshold(self, kept_values: torch.Tensor) -> None:
+        if kept_values.numel() == 0:
             return
-        smallest = kept.min().to(self.threshold)
+        smallest = kept_values.min().to(self.threshold)
         if int(self.threshold_updates) == 0:
             self.threshold.copy_(smallest)
         else:

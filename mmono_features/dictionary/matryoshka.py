@@ -1,8 +1,8 @@
 """Matryoshka sparse autoencoder (kind ``matryoshka``).
 
 Nested prefixes of the latents each reconstruct z on their own (Bussmann et al., 2025;
-Nabeshima, 2024). Codes are chosen as in a TopK SAE (the ``k`` largest pre-activations
-of each sample, so at most ``k`` non-zero per sample); for each prefix size ``m`` the
+Nabeshima, 2024). Codes are chosen as in a TopK SAE: the ``k`` largest pre-activations
+of each sample, so at most ``k`` are non-zero per sample. For each prefix size ``m``, the
 reconstruction uses only the active latents with index ``< m``:
 
     z_hat_m = latents[:, :m] @ W_dec[:m] + b_dec,

@@ -141,15 +141,15 @@ def evaluate_dictionary(
         codes = {}
         for modality, raw in (("image", image_z), ("text", text_z)):
             total = _Accumulator(dictionary.d_in, dictionary.d_sae, device)
-            kept = []
+            unit_codes = []
             for start in range(0, raw.shape[0], batch_size):
                 z = dictionary.prepare(raw[start : start + batch_size].to(device), modality)
                 latents = _encode(dictionary, z, modality)
                 total.add(z, dictionary.decode(latents), latents)
                 if getattr(dictionary, "paired_training", False):
-                    kept.append(F.normalize(latents, dim=1, eps=1e-8))
+                    unit_codes.append(F.normalize(latents, dim=1, eps=1e-8))
             totals[modality] = total
-            codes[modality] = kept
+            codes[modality] = unit_codes
         result: dict = {modality: totals[modality].result() for modality in ("image", "text")}
         result["all"] = totals["image"].merge(totals["text"]).result()
         if getattr(dictionary, "paired_training", False):

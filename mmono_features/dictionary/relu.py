@@ -9,10 +9,10 @@ rescaling latent j by c > 0 while dividing its decoder row by c, so the model ca
 lower the loss by shrinking the encoder and growing the decoder. ``lambda_t`` rises
 linearly from 0 to ``l1_coefficient`` over the first ``l1_warmup_steps`` steps.
 
-The decoder rows are free during training (no unit-norm constraint); after the last
-step :meth:`ReLUSAE.finish_training` folds each row norm into the encoder (the codes
-scale by the norm, the rows become unit vectors, z_hat is unchanged), so a trained
-ReLU SAE has unit decoder rows like the other kinds.
+The decoder rows are free during training (no unit-norm constraint). After the last
+step, :meth:`ReLUSAE.finish_training` folds each row norm into the encoder: the codes
+scale by the norm and the rows become unit vectors, while z_hat is unchanged. A trained
+ReLU SAE therefore has unit decoder rows like the other kinds.
 """
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ class ReLUConfig(DictionaryConfig):
         ``sqrt(d_in)``.
     l1_warmup_steps : int
         Steps over which the weight rises linearly from 0, >= 0 (0: constant).
+    decoder_init_norm : float
+        Norm of the decoder rows at initialisation, > 0. Small rows keep the first
+        reconstructions small while about half of the latents are active.
     """
 
     expected_kind: ClassVar[str] = "relu"
 
     l1_coefficient: float = 1.0
     l1_warmup_steps: int = 500
+    decoder_init_norm: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +59,8 @@ class ReLUConfig(DictionaryConfig):
             raise ValueError(f"l1_coefficient must be a finite number >= 0; got {self.l1_coefficient!r}.")
         if not isinstance(self.l1_warmup_steps, int) or self.l1_warmup_steps < 0:
             raise ValueError(f"l1_warmup_steps must be an integer >= 0; got {self.l1_warmup_steps!r}.")
+        if not (isinstance(self.decoder_init_norm, (int, float)) and math.isfinite(self.decoder_init_norm) and self.decoder_init_norm > 0):
+            raise ValueError(f"decoder_init_norm must be a finite number > 0; got {self.decoder_init_norm!r}.")
 
 
 def weighted_l1(latents: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -77,6 +83,13 @@ class ReLUSAE(SparseAutoencoder):
     config_class = ReLUConfig
     unit_norm_decoder = False
 
+    def __init__(self, config: ReLUConfig) -> None:
+        super().__init__(config)
+        # The encoder stays the transpose of the decoder, both at the configured norm.
+        with torch.no_grad():
+            self.W_dec.mul_(config.decoder_init_norm)
+            self.W_enc.mul_(config.decoder_init_norm)
+
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """Return ``ReLU((z - b_dec) @ W_enc.T + b_enc)``.
 
@@ -91,7 +104,7 @@ class ReLUSAE(SparseAutoencoder):
         return F.relu(self.pre_activations(z))
 
     def l1_weight(self, step: int) -> float:
-        """The L1 weight at 0-based optimiser ``step`` (linear warm-up from 0)."""
+        """Return the L1 weight at 0-based optimiser ``step`` (linear warm-up from 0)."""
         warmup = self.config.l1_warmup_steps
         fraction = 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
         return self.config.l1_coefficient * fraction

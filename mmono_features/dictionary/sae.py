@@ -243,7 +243,7 @@ def sparse_decode(values: torch.Tensor, weight: torch.Tensor, layout: SparseLayo
 
 @dataclass
 class StepOutput:
-    """What one training step of a dictionary reports to the training loop.
+    """Output of one training step of a dictionary, read by the training loop.
 
     Attributes
     ----------
@@ -284,10 +284,10 @@ def geometric_median(points: torch.Tensor, n_iter: int = 100, tol: float = 1e-6)
 class SparseAutoencoder(Dictionary):
     """Base of the SAE kinds: parameters, initialisation and decoder-norm upkeep.
 
-    Initialisation (seeded by ``config.seed``, independent of the global RNG): decoder
-    rows are random unit vectors, the encoder is the transpose of the decoder
-    (``W_enc = W_dec`` in this row-per-latent layout), ``b_enc = 0``, and ``b_dec`` is
-    set from data by :meth:`initialize_from_data` (geometric median of a sample).
+    Initialisation is seeded by ``config.seed`` and independent of the global RNG.
+    Decoder rows are random unit vectors and the encoder is the transpose of the decoder
+    (``W_enc = W_dec`` in this row-per-latent layout), with ``b_enc = 0``.
+    :meth:`initialize_from_data` then sets ``b_dec`` to the geometric median of a sample.
     """
 
     #: Whether the decoder rows are kept at unit norm during training.

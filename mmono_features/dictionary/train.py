@@ -151,7 +151,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What :func:`train_dictionary` returns.
+    """Output of :func:`train_dictionary`.
 
     Attributes
     ----------
@@ -224,19 +224,21 @@ class _TensorData:
         return self.image[self.image_eval_rows], self.text[self.text_eval_rows]
 
     def union_chunks(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One shuffled pass over the training embeddings of both modalities: (z_raw, modality codes)."""
+        """Yield one shuffled pass over the training embeddings of both modalities: (z_raw, modality codes)."""
         n_image = self.image_rows.numel()
         order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(seed))
         for start in range(0, self.n_train, self.chunk):
             ids = order[start : start + self.chunk]
             is_text = ids >= n_image
-            z = torch.empty(ids.numel(), self.d, dtype=self.image.dtype)
-            z[~is_text] = self.image[self.image_rows[ids[~is_text]]]
-            z[is_text] = self.text[self.text_rows[ids[is_text] - n_image]]
+            device = self.image.device
+            z = torch.empty(ids.numel(), self.d, dtype=self.image.dtype, device=device)
+            # Index tensors are built on the CPU and moved, so the data may live on any device.
+            z[(~is_text).to(device)] = self.image[self.image_rows[ids[~is_text]].to(device)]
+            z[is_text.to(device)] = self.text[self.text_rows[ids[is_text] - n_image].to(self.text.device)].to(device)
             yield z, is_text.long()
 
     def pair_chunks(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One shuffled pass over the training pairs: (image_raw, text_raw), row i the same pair."""
+        """Yield one shuffled pass over the training pairs: (image_raw, text_raw), row i the same pair."""
         if not self.paired:
             raise ValueError(
                 f"ncl trains on pairs: image_z and text_z need the same number of rows (row i is pair i); "
@@ -245,7 +247,7 @@ class _TensorData:
         order = torch.randperm(self.n_train_pairs, generator=torch.Generator().manual_seed(seed))
         for start in range(0, self.n_train_pairs, self.chunk):
             rows = self.image_rows[order[start : start + self.chunk]]
-            yield self.image[rows], self.text[rows]
+            yield self.image[rows.to(self.image.device)], self.text[rows.to(self.text.device)]
 
 
 def _row_keys(z: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
@@ -275,19 +277,26 @@ class _StoreData:
         self.d = int(store.d)
         self.n_pairs = int(store.n_pairs)
         self.chunk = config.batch_size
+
         generator = torch.Generator().manual_seed(int(config.seed))
         rows = store.rows
         order = torch.randperm(rows.numel(), generator=generator)
         self._eval_rows = torch.sort(rows[order[: _n_eval(self.n_pairs, config)]]).values
         self._multipliers = torch.randint(1, 2**62, (self.d,), generator=generator) | 1
+
         image, text = [], []
+        n_found = 0
         if self._eval_rows.numel():
             for image_z, text_z, batch_rows in store.iter_pairs(config.batch_size, shuffle=False, normalize=False):
-                held = torch.isin(batch_rows, self._eval_rows)
-                image.append(image_z[held])
-                text.append(text_z[held])
+                is_held_out = torch.isin(batch_rows, self._eval_rows)
+                image.append(image_z[is_held_out])
+                text.append(text_z[is_held_out])
+                n_found += int(is_held_out.sum())
+                if n_found >= self._eval_rows.numel():
+                    break
         self._eval = (torch.cat(image) if image else torch.zeros(0, self.d), torch.cat(text) if text else torch.zeros(0, self.d))
         self._eval_keys = torch.sort(_row_keys(torch.cat(self._eval), self._multipliers)).values
+
         self.n_train_pairs = self.n_pairs - int(self._eval_rows.numel())
         self.n_train = 2 * self.n_train_pairs
         if self.n_train_pairs < 1:
@@ -462,8 +471,8 @@ def train_dictionary(source: Any, config: DictionaryConfig, train_config: TrainC
     Parameters
     ----------
     source : FeatureStore or tuple of Tensor
-        A feature store, or raw ``(image_z, text_z)`` tensors of shape (n, d_in) each
-        (row i of both is pair i; the SAE kinds also accept different row counts).
+        A feature store, or raw ``(image_z, text_z)`` tensors of shape (n, d_in) each,
+        where row i of both is pair i. The SAE kinds also accept different row counts.
     config : DictionaryConfig
         The dictionary to build, e.g. from :func:`make_config`. When the source is a
         store and ``config.backbone`` is empty, the store's backbone identity is

@@ -71,7 +71,7 @@ PLANTED_OPTIONS = {
     "topk": {"k": ACTIVE},
     "batchtopk": {"k": ACTIVE},
     "matryoshka": {"k": ACTIVE},
-    "relu": {"l1_coefficient": 0.3, "l1_warmup_steps": 100},
+    "relu": {"l1_coefficient": 1.0, "l1_warmup_steps": 100},
     "ncl": {},
 }
 PLANTED_STEPS = 400

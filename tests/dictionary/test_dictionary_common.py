@@ -28,7 +28,9 @@ OPTIONS = {"topk": {"k": 4}, "batchtopk": {"k": 4}, "matryoshka": {"k": 4}, "rel
 
 
 def test_registry_lists_the_five_kinds():
-    assert list_kinds() == sorted(KINDS)
+    # Other test modules register test-only kinds in the same process, so only the
+    # shipped kinds are checked here.
+    assert set(KINDS) <= set(list_kinds())
     with pytest.raises(ValueError, match="valid kinds"):
         get_dictionary_class("sparse-pca")
 
@@ -66,7 +68,8 @@ def test_save_load_reproduces_codes_exactly(small_trained, tmp_path, kind):
     dictionary = trained[kind]
     dictionary.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["kind"] == kind and saved["backbone"] == {"name": "test"}
+    assert saved["kind"] == kind
+    assert saved["backbone"] == {"name": "test"}
     reloaded = load_dictionary(tmp_path)
     assert type(reloaded) is type(dictionary)
     assert reloaded.config == dictionary.config
@@ -95,7 +98,8 @@ def test_encode_decode_differentiable(small_trained, kind):
     dictionary = trained[kind]
     z = dictionary.prepare(planted.image[:16], "image").requires_grad_(True)
     latents = dictionary.encode(z)
-    assert latents.shape == (16, 48) and bool((latents >= 0).all())
+    assert latents.shape == (16, 48)
+    assert bool((latents >= 0).all())
     dictionary.decode(latents).pow(2).sum().backward()
     assert z.grad is not None and float(z.grad.abs().sum()) > 0
 
@@ -121,3 +125,10 @@ def test_base_config_is_not_a_kind_config():
     with pytest.raises(ValueError, match="TopKConfig"):
         get_dictionary_class("topk")(DictionaryConfig(kind="topk", d_in=4, d_sae=8))
     assert issubclass(get_dictionary_class("ncl"), Dictionary)
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu", "batchtopk", "matryoshka"])
+def test_sae_decoder_rows_unit_norm_after_training(small_trained, kind):
+    _, trained = small_trained
+    norms = trained[kind].W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(48), atol=1e-5, rtol=0)

@@ -1,4 +1,4 @@
-"""Known answers of evaluate_dictionary on a hand-built dictionary."""
+"""evaluate_dictionary on a hand-built dictionary, against values worked out by hand."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ def _identity_topk() -> TopKSAE:
 
 def test_known_answers():
     dictionary = _identity_topk()
-    # Normalised to norm sqrt(2): images (sqrt2, 0) and (0, sqrt2) are reconstructed
-    # exactly; texts (2, 1) and (-1, 2) become sqrt(2/5) * (2, 1) and sqrt(2/5) * (-1, 2),
-    # whose reconstructions drop the smaller coordinate (squared error 2/5 each).
+    # After normalisation to norm sqrt(2), images (sqrt2, 0) and (0, sqrt2) are
+    # reconstructed exactly. Texts (2, 1) and (-1, 2) become sqrt(2/5) * (2, 1) and
+    # sqrt(2/5) * (-1, 2), and their reconstructions drop the smaller coordinate
+    # (squared error 2/5 each).
     image = torch.tensor([[5.0, 0.0], [0.0, 0.3]])
     text = torch.tensor([[2.0, 1.0], [-1.0, 2.0]])
     metrics = evaluate_dictionary(dictionary, image, text, batch_size=1)
@@ -39,7 +40,8 @@ def test_known_answers():
     # squared norm 2/5 * 2.5 = 1: total variance 2.
     assert text_metrics["fvu"] == pytest.approx(0.8 / 2.0)
     assert text_metrics["cosine"] == pytest.approx(2 / math.sqrt(5))
-    assert text_metrics["l0"] == 1.0 and text_metrics["dead_fraction"] == 0.0
+    assert text_metrics["l0"] == 1.0
+    assert text_metrics["dead_fraction"] == 0.0
 
     # All four: sum ||z||^2 = 8; mean = (sqrt2 + sqrt(2/5) * (2 - 1), sqrt2 + sqrt(2/5) * (1 + 2)) / 4.
     s = math.sqrt(2 / 5)

@@ -28,7 +28,8 @@ def test_learning_rate_schedule_known_answer():
     rates = [config.learning_rate(step, 20) for step in range(20)]
     assert rates[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
     # The last 4 steps fall linearly to 1/4 of the peak at the last step.
-    assert rates[15] == 1.0 and rates[16:] == [1.0, 0.75, 0.5, 0.25]
+    assert rates[15] == 1.0
+    assert rates[16:] == [1.0, 0.75, 0.5, 0.25]
     assert TrainConfig(lr=2.0, warmup_steps=0, lr_decay_fraction=0.0).learning_rate(0, 5) == 2.0
 
 
@@ -118,10 +119,10 @@ def store(tmp_path, pairs):
 
 @pytest.mark.parametrize("kind", ["topk", "ncl"])
 def test_trains_from_a_store_without_loading_it_whole(store, monkeypatch, kind):
-    def refuse(*args, **kwargs):
+    def reject_full_read(*args, **kwargs):
         raise AssertionError("training must stream the store, not load a whole modality")
 
-    monkeypatch.setattr(type(store), "embeddings", refuse)
+    monkeypatch.setattr(type(store), "embeddings", reject_full_read)
     result = _train(store, kind, steps=10, log_every=5, eval_fraction=0.1)
     assert result.dictionary.config.backbone["name"] == "planted"
     entry = result.history[-1]
@@ -138,10 +139,10 @@ def test_store_held_out_pairs_never_reach_training(store, pairs):
     # The held-out sets are whole pairs of the store.
     matches = (image_eval[:, None, :] == image[None, :, :]).all(dim=2).nonzero()[:, 1]
     assert torch.equal(text[matches], text_eval)
-    held = _row_keys(torch.cat([image_eval, text_eval]), data._multipliers)
+    held_out_keys = _row_keys(torch.cat([image_eval, text_eval]), data._multipliers)
     seen = 0
     for z, _ in data.union_chunks(seed=5):
-        assert not bool(torch.isin(_row_keys(z, data._multipliers), held).any())
+        assert not bool(torch.isin(_row_keys(z, data._multipliers), held_out_keys).any())
         seen += z.shape[0]
     assert seen == 2 * (400 - 40)
     seen_pairs = sum(image_z.shape[0] for image_z, _ in data.pair_chunks(seed=5))

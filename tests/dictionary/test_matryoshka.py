@@ -18,7 +18,8 @@ def test_every_prefix_reconstructs_better_than_zero(trained_planted):
     planted, _, result = trained_planted("matryoshka")
     dictionary = result.dictionary
     z = dictionary.prepare(planted.image[:1000], "image")
-    reconstructions = dictionary.prefix_reconstructions(z)
+    with torch.no_grad():
+        reconstructions = dictionary.prefix_reconstructions(z)
     assert len(reconstructions) == len(dictionary.config.prefix_sizes) == 3
     zero_error = float(z.pow(2).sum(dim=1).mean())
     errors = [float((z - z_hat).pow(2).sum(dim=1).mean()) for z_hat in reconstructions]

@@ -21,8 +21,8 @@ def test_codes_non_negative_and_retrieval_above_chance(trained_planted):
 
 def test_recovers_planted_atoms_through_the_fitted_decoder(trained_planted, atom_recovery):
     planted, _, result = trained_planted("ncl")
-    # Measured 0.97 (62 of 64 atoms at cosine > 0.9) after 400 steps; an untrained
-    # head with the same fitted decoder reaches 0.0 (checked below).
+    # Measured 0.95 (61 of 64 atoms at cosine > 0.9) after 400 steps; an untrained
+    # head with a fitted decoder reaches 0.08 (checked below).
     assert atom_recovery(result.dictionary.decoder_directions(), planted.atoms) >= 0.85
     untrained = NCLHead(result.dictionary.config)
     z = untrained.prepare(planted.image[:4096], "image")
