@@ -348,7 +348,7 @@ def _load_project_model(name: str, device: torch.device, precision: str, seed: i
     spec = PROJECT_MODELS[name]
     # Random initialisation draws from the global generator; fork it so that loading a
     # model neither depends on nor changes the caller's random state.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _drop_root_warning("No pretrained weights loaded"):
         torch.manual_seed(seed)
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     sha = None
@@ -378,6 +378,28 @@ def _load_project_model(name: str, device: torch.device, precision: str, seed: i
     )
 
 
+class _drop_root_warning:
+    """Context manager that hides root-logger records starting with ``prefix``.
+
+    open_clip warns that no pretrained weights were loaded whenever a model is built
+    without a tag, also when mmono loads trained weights right after; mmono logs its own
+    warning for models that really keep random weights.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        logging.getLogger().removeFilter(self)
+
+
 def _load_weights_file(model: torch.nn.Module, path: Path, name: str, pretrained: str | None) -> None:
     import open_clip
 
@@ -387,7 +409,7 @@ def _load_weights_file(model: torch.nn.Module, path: Path, name: str, pretrained
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except Exception as error:  # the message of any loader failure is passed on with the fix
         raise BackboneLoadError(
-            f"could not load weights for model {name!r} from {path}: {type(error).__name__}: {error}. "
+            f"could not load weights for model {name!r} from {path}: {type(error).__name__}: {str(error).rstrip('.')}. "
             "The file must hold a state dict of this architecture (safetensors, or a torch "
             "file loadable with weights_only=True)."
         ) from error
@@ -398,7 +420,8 @@ def _load_local_checkpoint(name: str, path: Path, device: torch.device, precisio
 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} for model {name!r} does not exist; pass an existing file.")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    with _drop_root_warning("No pretrained weights loaded"):
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     _load_weights_file(model, path, name, None)
     return Backbone(
         model=_finish(model, device),
@@ -429,7 +452,7 @@ def _load_pretrained_tag(name: str, pretrained: str | None, device: torch.device
     except Exception as error:  # network, cache and hub errors all end here with the fix
         raise BackboneLoadError(
             f"could not load the weights of {name!r} with pretrained tag {pretrained!r}: "
-            f"{type(error).__name__}: {error}. Download them on a machine with internet access "
+            f"{type(error).__name__}: {str(error).rstrip('.')}. Download them on a machine with internet access "
             "(they are cached under ~/.cache/huggingface), or pass a local weights file with "
             "--checkpoint PATH (checkpoint=PATH in Python)."
         ) from error

@@ -53,13 +53,17 @@ def _main(
         level = logging.DEBUG
     elif quiet:
         level = logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    if not verbose:
+        handler.addFilter(_hide_third_party_info)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     set_progress(not quiet)
+
+
+def _hide_third_party_info(record: logging.LogRecord) -> bool:
+    # open_clip logs its model parsing at INFO on the root logger; those lines bury
+    # mmono's own progress unless --verbose is given.
+    return record.levelno > logging.INFO or record.name.startswith(("mmono", "apps", "evaluation"))
 
 
 def _fail(message: str) -> None:
@@ -130,12 +134,18 @@ def train(
     batch_size: int = typer.Option(4096, help="Embeddings per step."),
     lr: float = typer.Option(4e-4, help="Peak learning rate of Adam."),
     seed: int = typer.Option(0, help="Seed of initialisation and batch order."),
+    overwrite: bool = typer.Option(False, help="Replace a dictionary already in --out (its scores become stale)."),
     device: str = DeviceOption,
 ) -> None:
-    """Train a sparse dictionary on the image and text embeddings of a store."""
+    """Train a sparse dictionary on the image and text embeddings of a store.
+
+    The learning rate warms up linearly, stays at --lr and decays over the last steps.
+    """
     from mmono_features.dictionary import TrainConfig, make_config, train_dictionary
     from mmono_features.store import FeatureStore
 
+    if (out / "model.safetensors").exists() and not overwrite:
+        _fail(f"{out} already holds a dictionary; pass --overwrite to replace it, or choose another --out.")
     start = time.perf_counter()
     try:
         store = FeatureStore.open(store_path)
@@ -204,6 +214,10 @@ def score(
     from mmono_features.modality import score_dictionary
     from mmono_features.store import FeatureStore
 
+    if out.suffix not in (".csv", ".parquet"):
+        _fail(f"--out must end in .csv or .parquet; got {out}.")
+    if rule == "fixed" and not thresholds:
+        _fail("--rule fixed needs --thresholds LOW,HIGH, e.g. --thresholds -0.5,0.5.")
     try:
         store = FeatureStore.open(store_path)
         dictionary = load_dictionary(dictionary_path, device=_device(device))
@@ -319,7 +333,7 @@ def demo(
         "the photographs, or shapes when the offline model mmono-shapes is used.",
     ),
     device: str = DeviceOption,
-    steps: int = typer.Option(3000, help="Training steps of the dictionary."),
+    steps: int = typer.Option(1000, help="Training steps of the dictionary."),
     seed: int = typer.Option(0, help="Seed of everything random."),
 ) -> None:
     """Run extract, train, score and report on bundled data: the main job, end to end.

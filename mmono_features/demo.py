@@ -45,7 +45,7 @@ class DemoConfig:
     checkpoint: Path | None = None
     data: str = "auto"
     device: str = "auto"
-    steps: int = 3000
+    steps: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,15 +83,16 @@ def _load_backbone_or_fallback(config: DemoConfig, console) -> Backbone:
     except BackboneLoadError as error:
         fallback = FALLBACK_MODEL if _fallback_available() else "mmono-tiny"
         message = (
-            f"The weights of {config.model} ({config.pretrained or config.checkpoint}) could not be loaded: {error}\n"
-            f"The demo continues with {fallback} ({PROJECT_MODELS[fallback].description}); "
-            "its results say nothing about the requested model."
+            f"The weights of {config.model} ({config.pretrained or config.checkpoint}) could not be loaded: "
+            f"{str(error).rstrip('.')}.\n\nThe demo continues with {fallback} "
+            f"({PROJECT_MODELS[fallback].description}); its results say nothing about the requested model."
         )
         if console is not None:
             from rich.panel import Panel
 
             console.print(Panel(message, title="weights unavailable", border_style="bold yellow"))
-        logger.warning(message)
+        else:
+            logger.warning(message)
         return load_backbone(fallback, device=config.device, seed=config.seed)
 
 
@@ -175,6 +176,9 @@ def _write_outputs(config: DemoConfig, backbone: Backbone, data_name: str, store
     from mmono_features.report import write_report
 
     label = weights_label(backbone)
+    # Names from a general English vocabulary mean nothing for a model that only saw
+    # the shapes world, so its latents are named from that world's factor values.
+    vocabulary = assets_dir() / "vocabulary" / "shapes_world.txt" if backbone.name == FALLBACK_MODEL else None
     report = write_report(
         config.out / "store",
         dictionary_path,
@@ -183,6 +187,7 @@ def _write_outputs(config: DemoConfig, backbone: Backbone, data_name: str, store
         device=config.device,
         title=f"mmono demo: {backbone.name} ({label})",
         extra={"weights_label": label, "data": data_name, "demo_settings": _jsonable(asdict(config))},
+        vocabulary=vocabulary,
     )
     scores = Scores.load(scores_path)
     summary = json.loads((config.out / "summary.json").read_text(encoding="utf-8"))

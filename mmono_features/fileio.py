@@ -23,6 +23,11 @@ def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
     os.close(handle)
     try:
         write(tmp)
+        # mkstemp creates the file readable by its owner only; give the result the
+        # permissions of an ordinary new file (0o666 less the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -42,6 +42,7 @@ Example (``dictionary`` and ``scores`` come from training and scoring)::
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LatentEdit", "edit_latents", "intervene", "intervene_raw", "latent_delta"]
 
@@ -172,8 +175,14 @@ class LatentEdit:
 
     @classmethod
     def from_group(cls, scores: Any, group: str, strength: float = 1.0) -> "LatentEdit":
-        """Suppress every latent of a modality group of ``scores`` (a :class:`~mmono_features.modality.Scores`)."""
-        return cls.suppress(scores.latents(group), strength=strength)
+        """Suppress every latent of a modality group of ``scores`` (a :class:`~mmono_features.modality.Scores`).
+
+        An empty group gives an empty edit and a logged warning.
+        """
+        latents = scores.latents(group)
+        if len(latents) == 0:
+            logger.warning("group %r has no latents, so the edit changes nothing.", group)
+        return cls.suppress(latents, strength=strength)
 
     # ---- properties and composition --------------------------------------------------
 

@@ -541,6 +541,25 @@ class Scores:
 
     # ---- selection -------------------------------------------------------------------
 
+    def check_dictionary(self, dictionary: Any) -> None:
+        """Raise ValueError unless these scores were computed for ``dictionary``.
+
+        The number of latents must match, and so must the dictionary fingerprint when the
+        scores recorded one (scores written by :func:`score_dictionary` do).
+        """
+        d_sae = getattr(dictionary, "d_sae", None)
+        if d_sae is not None and len(self.table) != d_sae:
+            raise ValueError(
+                f"the scores have {len(self.table)} latents but the dictionary has d_sae={d_sae}; "
+                "score this dictionary with `mmono score STORE DICTIONARY`."
+            )
+        recorded = (self.rule.get("dictionary") or {}).get("fingerprint")
+        if recorded and hasattr(dictionary, "fingerprint") and dictionary.fingerprint() != recorded:
+            raise ValueError(
+                f"the scores were computed for another dictionary (fingerprint {recorded}, this one has "
+                f"{dictionary.fingerprint()}); score this dictionary with `mmono score STORE DICTIONARY`."
+            )
+
     def latents(self, group: str) -> torch.Tensor:
         """Return the ids of the latents in ``group`` as a sorted LongTensor of shape (n,)."""
         if group not in GROUPS and group != RARE:
@@ -788,6 +807,16 @@ def assign_groups(
         if key != "min_active":
             record.setdefault(key, value)
     logger.info("groups by rule %r (thresholds %.4g, %.4g): %s", rule, low, high, counts)
+    # MDS lies in [-1, 1]; a threshold beyond that range leaves its group empty by construction.
+    if low < -1 or high > 1:
+        logger.warning(
+            "the %r rule put a threshold outside [-1, 1] (%.3g, %.3g), so %s cannot have members; "
+            "use a smaller k, --rule quantile or --rule fixed.",
+            rule,
+            low,
+            high,
+            " and ".join(group for group, bad in (("TextD", low < -1), ("ImgD", high > 1)) if bad),
+        )
     return Scores(table=out, rule=record)
 
 
@@ -927,6 +956,12 @@ def score_dictionary(dictionary, image_z: Any, text_z: Any = None, batch_size: i
     config = getattr(dictionary, "config", None)
     if config is not None and dataclasses.is_dataclass(config):
         scores.rule["dictionary"] = json_safe(
-            {"kind": config.kind, "d_in": config.d_in, "d_sae": config.d_sae, "backbone": getattr(config, "backbone", {})}
+            {
+                "kind": config.kind,
+                "d_in": config.d_in,
+                "d_sae": config.d_sae,
+                "backbone": getattr(config, "backbone", {}),
+                "fingerprint": dictionary.fingerprint() if hasattr(dictionary, "fingerprint") else None,
+            }
         )
     return scores

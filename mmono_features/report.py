@@ -84,6 +84,7 @@ def write_report(
     text_z = store.embeddings("text", normalize=False)
     if scores_path is not None:
         scores = Scores.load(scores_path)
+        scores.check_dictionary(dictionary)
     else:
         scores = score_dictionary(dictionary, image_z, text_z)
     metrics = evaluate_dictionary(dictionary, image_z, text_z)
@@ -140,6 +141,9 @@ def fill_names(scores, dictionary, identity: dict, latent_ids, vocabulary=None, 
     except (BackboneLoadError, ValueError, FileNotFoundError) as error:
         logger.warning("feature cards stay unnamed: the backbone %s could not be loaded (%s)", identity.get("name"), error)
         return
+    if latent_ids is None:
+        # A latent that never fires has no meaning to name.
+        latent_ids = [int(j) for j in scores.table.loc[scores.table["n_active"] > 0, "latent"]]
     words = load_vocabulary(vocabulary)
     names = name_latents(dictionary, words, embed_vocabulary(backbone, words), latent_ids=latent_ids)
     table = scores.table.set_index("latent")
@@ -179,10 +183,10 @@ def _feature_card(latent, table, image_latents, text_latents, metadata, files: P
         else:
             thumbs.append(
                 f'<figure><img src="report_files/{html.escape(thumb)}" alt="row {int(item["row"])}">'
-                f"<figcaption>{activation:.2f}</figcaption></figure>"
+                f'<figcaption title="activation on this image">a={activation:.2f}</figcaption></figure>'
             )
     captions = "".join(
-        f"<li>{html.escape(str(metadata.iloc[i]['caption']))} <span class=act>{float(text_latents[i, latent]):.2f}</span></li>"
+        f"<li>{html.escape(str(metadata.iloc[i]['caption']))} <span class=act title=\"activation on this caption\">a={float(text_latents[i, latent]):.2f}</span></li>"
         for i in text_ids
     )
     name = str(row.get("name", "") or "")
@@ -225,9 +229,14 @@ def _plot_mds_histogram(table, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.2))
     bins = np.linspace(-1, 1, 41)
     for group in ("ImgD", "CrossD", "TextD", "rare"):
-        values = table.loc[table["group"] == group, "mds"].dropna()
+        in_group = table["group"] == group
+        values = table.loc[in_group, "mds"].dropna()
+        label = f"{group} ({len(values)})"
+        silent = int(in_group.sum()) - len(values)
+        if silent:
+            label = f"{group} ({len(values)}; {silent} never active, no MDS)"
         if len(values):
-            axis.hist(values, bins=bins, alpha=0.75, label=f"{group} ({len(values)})", color=GROUP_COLOURS[group])
+            axis.hist(values, bins=bins, alpha=0.75, label=label, color=GROUP_COLOURS[group])
     axis.set_xlabel("Modality Dominance Score (+1 image only, -1 text only)")
     axis.set_ylabel("latents")
     axis.legend(fontsize=8)
@@ -286,12 +295,33 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return f"<table><tr><th>metric</th>{head}</tr>{body}</table>"
 
 
+_RULE_LABELS = {
+    "k": "k (multiple of the MDS standard deviation)",
+    "mu": "mean MDS of scored latents",
+    "sigma": "standard deviation of MDS",
+    "min_active": "min_active (pairs)",
+    "eps": "eps (silence threshold)",
+}
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_format_value(v) for v in value)
+    return "" if value is None else str(value)
+
+
 def _render_page(summary: dict[str, Any], metrics: dict[str, Any], cards: list[str]) -> str:
     title = html.escape(summary["title"])
     label = summary.get("weights_label")
     banner = f'<p class="banner">Weights: {html.escape(str(label))}</p>' if label else ""
     groups = "".join(f"<tr><th>{html.escape(g)}</th><td>{n}</td></tr>" for g, n in summary["groups"].items())
-    rule = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary["rule"].items())
+    rule = "".join(
+        f"<tr><th>{html.escape(_RULE_LABELS.get(str(k), str(k)))}</th><td>{html.escape(_format_value(v))}</td></tr>"
+        for k, v in summary["rule"].items()
+        if not isinstance(v, dict)
+    )
     settings = {k: v for k, v in summary.items() if k not in ("metrics", "groups", "rule", "cards", "title")}
     settings_rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(json.dumps(v, default=str))}</code></td></tr>"
@@ -317,7 +347,8 @@ images, -1 only on captions.</p>
 <h2>MDS</h2><img src="report_files/mds_histogram.png" alt="MDS histogram per group">
 <img src="report_files/mds_frequency.png" alt="MDS against activation frequency">
 <h2>Dictionary metrics</h2>{_metrics_table(metrics)}
-<h2>Feature cards</h2>{''.join(cards) or '<p>No scored latents.</p>'}
+<h2>Feature cards</h2><p>Each card shows a latent's top-activating images and captions; a = the latent's activation on it.</p>
+{''.join(cards) or '<p>No scored latents.</p>'}
 <h2>Settings</h2><table>{settings_rows}</table>
 </body></html>
 """

@@ -78,8 +78,12 @@ def test_score_writes_named_table(pipeline):
     table = pd.read_csv(pipeline / "scores.csv", keep_default_na=False)
     assert len(table) == 128
     assert set(table["group"]) <= {"ImgD", "TextD", "CrossD", "rare"}
-    assert set(table["name"].str.split("; ").explode()) <= {"cat", "dog", "astronaut", "brick", "grass", "clock", "coffee", "rocket", "horse", "text"}
-    assert (table["name"] != "").all()
+    active = table[table["n_active"] > 0]
+    silent = table[table["n_active"] == 0]
+    assert set(active["name"]) <= {"cat", "dog", "astronaut", "brick", "grass", "clock", "coffee", "rocket", "horse", "text"}
+    assert (active["name"] != "").all()
+    # A latent that never fires is left unnamed.
+    assert (silent["name"] == "").all()
     assert (pipeline / "scores.json").is_file()
 
 
@@ -123,3 +127,26 @@ def test_invalid_k_reports_limit(pipeline, tmp_path):
     assert result.exit_code != 0
     assert "32" in result.output
     assert "16" in result.output
+
+
+def test_report_rejects_scores_of_other_dictionary(pipeline, tmp_path):
+    other = tmp_path / "other"
+    _invoke("train", str(pipeline / "store"), "--out", str(other), "--d-sae", "128", "--k", "8", "--steps", "20",
+            "--batch-size", "64", "--seed", "7", "--device", "cpu")
+    result = runner.invoke(app, ["report", str(pipeline / "store"), str(other), "--scores", str(pipeline / "scores.csv"),
+                                 "--out", str(tmp_path / "report"), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "another dictionary" in result.output
+
+
+def test_train_refuses_to_overwrite(pipeline):
+    result = runner.invoke(app, ["train", str(pipeline / "store"), "--out", str(pipeline / "dict"), "--d-sae", "128",
+                                 "--steps", "5", "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "--overwrite" in result.output
+
+
+def test_score_checks_suffix_first(pipeline, tmp_path):
+    result = runner.invoke(app, ["score", str(pipeline / "store"), str(pipeline / "dict"), "--out", str(tmp_path / "s.txt")])
+    assert result.exit_code == 2
+    assert ".csv or .parquet" in result.output

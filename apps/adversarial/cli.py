@@ -110,6 +110,8 @@ def _load_dictionary_and_scores(options: dict[str, Any], backbone: Any) -> tuple
         from mmono_features.modality import Scores
 
         scores = Scores.load(options["scores"])
+        if dictionary is not None:
+            scores.check_dictionary(dictionary)
     return dictionary, scores
 
 

@@ -283,11 +283,7 @@ def _load_inputs(config: AuditConfig) -> _Inputs:
 
     dictionary = load_dictionary(config.dictionary)
     scores = Scores.load(config.scores)
-    if len(scores.table) != dictionary.d_sae:
-        raise ValueError(
-            f"scores {config.scores} has {len(scores.table)} latents but the dictionary has d_sae={dictionary.d_sae}; "
-            "pass the scores computed for this dictionary (mmono score)."
-        )
+    scores.check_dictionary(dictionary)
     backbone = load_backbone(
         config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
         device=config.device, precision=config.precision, seed=config.seed,

@@ -421,11 +421,7 @@ def run_edit(config: EditConfig) -> dict[str, Any]:
         from mmono_features.modality import Scores
 
         scores = Scores.load(config.scores)
-        if len(scores.table) != dictionary.d_sae:
-            raise ValueError(
-                f"the scores table {config.scores} has {len(scores.table)} rows but the dictionary has "
-                f"d_sae={dictionary.d_sae}; pass the scores computed for this dictionary."
-            )
+        scores.check_dictionary(dictionary)
     selected = select_features(config.features, scores=scores, group=config.group, d_sae=dictionary.d_sae)
     if len(selected) > 16 and config.mode == "add":
         logger.warning("amplifying %d latents at once: their directions add up, so keep the strength small.", len(selected))

@@ -178,6 +178,16 @@ class Dictionary(nn.Module):
         if z.ndim != 2 or z.shape[1] != self.d_in:
             raise ValueError(f"expected embeddings of shape (batch, {self.d_in}); got {tuple(z.shape)}.")
 
+    def fingerprint(self) -> str:
+        """Return a short SHA-256 of the config and weights, recorded by the scores of this dictionary."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode("utf-8"))
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode("utf-8"))
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into the folder ``path``.
 
