@@ -62,7 +62,10 @@ def _main(
 
 def _hide_third_party_info(record: logging.LogRecord) -> bool:
     # open_clip logs its model parsing at INFO on the root logger; those lines bury
-    # mmono's own progress unless --verbose is given.
+    # mmono's own progress unless --verbose is given. huggingface_hub prints its
+    # download retries through its own handler already, so they are not repeated here.
+    if record.name.startswith("huggingface_hub") and record.levelno <= logging.WARNING:
+        return False
     return record.levelno > logging.INFO or record.name.startswith(("mmono", "apps", "evaluation"))
 
 
