@@ -1,9 +1,8 @@
 """Group-ablation check: zero-shot accuracy with each modality group removed.
 
-For a labelled image set, class prompts are built from ImageNet-style templates (those
-open_clip ships); images and class-prompt embeddings go through the dictionary, and
-each group (ImgD, TextD, CrossD) is zeroed in both before classifying by cosine
-similarity. The same is done for random latent sets of the same size, so that a drop
+For a labelled image set, class prompts are built from the ImageNet-style templates that
+open_clip ships. Images and class-prompt embeddings go through the dictionary, and each
+group (ImgD, TextD, CrossD) is zeroed in both before classifying by cosine similarity. The same is done for random latent sets of the same size, so that a drop
 can be judged against removing that many latents at random.
 
 Steps:

@@ -10,9 +10,9 @@ Three sources give the same :class:`Backbone`:
   ``mmono-shapes`` (the same architecture trained on the synthetic shapes world, weights
   under ``assets/shapes_world``).
 
-The backbone is always in eval mode with gradients off; the applications that need
-gradients with respect to the input image still get them, because only parameters are
-frozen.
+The backbone is always in eval mode with its parameters frozen. Applications that need
+gradients with respect to the input image still get them, because only the parameters
+are frozen.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ class Backbone:
         captions = list(captions)
         n_truncated = sum(length > self.context_length for length in self._token_lengths(captions))
         if n_truncated:
-            # The first truncation of a backbone is a warning; later ones are counted in
+            # The first truncation of a backbone is a warning. Later ones are counted in
             # truncated_captions and logged at DEBUG, so a large run does not flood the log.
             first = self.truncated_captions == 0
             self.truncated_captions += n_truncated
@@ -382,8 +382,8 @@ class _drop_root_warning:
     """Context manager that hides root-logger records starting with ``prefix``.
 
     open_clip warns that no pretrained weights were loaded whenever a model is built
-    without a tag, also when mmono loads trained weights right after; mmono logs its own
-    warning for models that really keep random weights.
+    without a tag, even when mmono loads trained weights right after. mmono logs its own
+    warning for models that keep random weights.
     """
 
     def __init__(self, prefix: str) -> None:

@@ -1,6 +1,6 @@
 """The ``mmono`` command line: extract, train, score, report, compare and demo.
 
-Applications add their commands through the entry-point group ``mmono.commands``; each
+Applications add their commands through the entry-point group ``mmono.commands``. Each
 entry point is a function ``register(app)`` that adds commands to the typer app, so this
 module never imports the applications.
 """
@@ -148,7 +148,7 @@ def train(
     from mmono_features.store import FeatureStore
 
     if (out / "model.safetensors").exists() and not overwrite:
-        _fail(f"{out} already holds a dictionary; pass --overwrite to replace it, or choose another --out.")
+        _fail(f"{out} already contains a dictionary; pass --overwrite to replace it, or choose another --out.")
     start = time.perf_counter()
     try:
         store = FeatureStore.open(store_path)

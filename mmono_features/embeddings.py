@@ -1,4 +1,4 @@
-"""Normalisation of backbone embeddings before a dictionary sees them.
+"""Normalisation of backbone embeddings before a dictionary encodes them.
 
 Each embedding is L2-normalised, then multiplied by sqrt(d) so that a coordinate is
 O(1) whatever the width of the backbone. There is no per-modality centring by default,

@@ -7,9 +7,9 @@ Definitions, for a latent j and its top-m activating samples:
   embeddings of the same samples as ``reference``). Samples where the latent is silent
   are not counted, and a latent with fewer than two active samples gets NaN.
 - **WinRate of A over B**: each method's latents are sorted by activation frequency,
-  most frequent first, and compared rank by rank; the WinRate is the share of compared
-  ranks where EmbSim under A exceeds EmbSim under B (a tie counts one half, a rank with
-  NaN on either side is left out).
+  most frequent first, and compared rank by rank. The WinRate is the share of compared
+  ranks where EmbSim under A exceeds EmbSim under B. A tie counts one half, and a rank
+  with NaN on either side is left out.
 - **Random baseline**: the EmbSim of m samples drawn uniformly at random, once per latent.
 - **Feature name**: the vocabulary entries whose text embeddings are nearest (cosine) to
   the latent's decoder direction.

@@ -60,7 +60,7 @@ def write_report(
     name_features : bool
         Name the latents of the cards by their nearest vocabulary entries, which needs
         the store's backbone (reloaded from its identity; ``checkpoint`` for a local
-        file). When it cannot be loaded the cards stay unnamed and a warning says why.
+        file). When it cannot be loaded, the cards stay unnamed and a warning gives the reason.
     vocabulary : path, optional
         Word list, one entry per line; the bundled default when absent.
 
@@ -128,8 +128,8 @@ def write_report(
 def fill_names(scores, dictionary, identity: dict, latent_ids, vocabulary=None, checkpoint=None, device="cpu") -> None:
     """Fill ``scores.table["name"]`` for ``latent_ids`` (all when None) from a vocabulary.
 
-    The backbone is reloaded from ``identity``; when that fails, names stay empty and a
-    warning says why.
+    The backbone is reloaded from ``identity``. When that fails, names stay empty and a
+    warning gives the reason.
     """
     from mmono_features.backbone import BackboneLoadError, load_backbone_from_identity
     from mmono_features.interpret import embed_vocabulary, load_vocabulary, name_latents

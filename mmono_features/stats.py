@@ -11,8 +11,8 @@ Edge cases, the same in every function:
 
 - ``n = 0`` rows: the statistic is undefined and the interval is ``(nan, nan)``.
 - ``n = 1`` row: every resample repeats that row, so the interval collapses to the
-  point estimate, ``(x, x)``. It says nothing about uncertainty; callers that need a
-  real interval must require more rows.
+  point estimate, ``(x, x)``. Such an interval measures no uncertainty, so callers that
+  need a real interval must require more rows.
 """
 
 from __future__ import annotations

@@ -415,7 +415,7 @@ def _ablations(inputs: _Inputs, config: AuditConfig) -> list[Ablation]:
         out.append(Ablation(name=group, latents=latents, group=group))
     # Random sets come from the grouped (non-rare) latents: most rare latents are silent,
     # and removing silent latents changes nothing.
-    # NOTE: a group that holds most grouped latents (often CrossD) overlaps its own random
+    # NOTE: a group that contains most grouped latents (often CrossD) overlaps its own random
     # sets heavily, so its random baseline is close to the group ablation itself.
     pool = sorted(i for ablation in out for i in ablation.latents)
     for group_ablation in list(out):

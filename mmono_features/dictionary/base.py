@@ -210,13 +210,13 @@ class Dictionary(nn.Module):
         for required in (config_path, weights_path):
             if not required.is_file():
                 raise FileNotFoundError(
-                    f"{required} not found: a dictionary folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                    f"{required} not found: a dictionary folder contains {CONFIG_NAME} and {WEIGHTS_NAME} "
                     "(written by `mmono train` or save_pretrained)."
                 )
         config = DictionaryConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
         dictionary_class = get_dictionary_class(config.kind)
         if cls is not Dictionary and not issubclass(dictionary_class, cls):
-            raise ValueError(f"{path} holds a {config.kind!r} dictionary, not a {cls.__name__}.")
+            raise ValueError(f"{path} contains a {config.kind!r} dictionary, not a {cls.__name__}; load it with load_dictionary.")
         dictionary = dictionary_class(config)
         dictionary.load_state_dict(load_file(str(weights_path)), strict=True)
         return dictionary.to(device).eval()
